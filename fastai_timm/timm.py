@@ -6,7 +6,7 @@
 __all__ = ['check_timm_name', 'create_timm_body', 'timm_stats', 'adapt_stats', 'FeatureLevel', 'feature_pyramid', 'check_pyramid',
            'timm_param_groups']
 
-# %% ../nbs/00_timm.ipynb #aa6ecafd
+# %% ../nbs/00_timm.ipynb #0697b0e7
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from torch import nn
 import timm
 from timm.models import group_parameters
 
-# %% ../nbs/00_timm.ipynb #085b5135
+# %% ../nbs/00_timm.ipynb #c7d49b49
 def check_timm_name(arch:str # A timm model name, with or without a pretrained tag
                    ):
     "Raise `ValueError` listing up to five close matches when `arch` is not a timm model name"
@@ -32,23 +32,25 @@ def check_timm_name(arch:str # A timm model name, with or without a pretrained t
             close = difflib.get_close_matches(arch, tags, n=5, cutoff=0.0)
             raise ValueError(f"'{tag}' is not a pretrained tag of '{base}'. Known tags: {', '.join(close) or 'none'}.")
 
-# %% ../nbs/00_timm.ipynb #8567c24f
+# %% ../nbs/00_timm.ipynb #3deb3f33
 _SIZE_FLAGS = ('img_size', 'dynamic_img_size', 'strict_img_size')
 
 def _size_kwargs(arch, img_size):
-    "timm keyword arguments that let a fixed-size family run at `img_size`"
-    if img_size is None or not timm.get_pretrained_cfg_value(arch, 'fixed_input_size'): return {}
+    "timm keyword arguments that let a fixed-size family run at `img_size`, and at other sizes where it can"
+    if not timm.get_pretrained_cfg_value(arch, 'fixed_input_size'): return {}
+    flags = dict(dynamic_img_size=True, strict_img_size=False)
+    if img_size is None: return flags
     if isinstance(img_size, int): img_size = (img_size, img_size)
-    return dict(img_size=tuple(int(s) for s in img_size), dynamic_img_size=True, strict_img_size=False)
+    return dict(img_size=tuple(int(s) for s in img_size), **flags)
 
-def _create(arch, kwargs):
-    "`timm.create_model`, dropping sizing flags that this model's constructor does not take; return the model and the flags kept"
+def _create(arch, kwargs, optional=_SIZE_FLAGS):
+    "`timm.create_model`, dropping the `optional` flags that this model's constructor rejects; return the model and the arguments kept"
     while True:
         try: return timm.create_model(arch, **kwargs), kwargs
         except TypeError as e:
             # Models differ in which sizing flags they take, and timm does not publish the signature:
             # drop the rejected flag and build again. Other arguments are the caller's and must raise.
-            bad = next((k for k in _SIZE_FLAGS if k in kwargs and f"'{k}'" in str(e)), None)
+            bad = next((k for k in optional if k in kwargs and f"'{k}'" in str(e)), None)
             if bad is None: raise
             kwargs = {k:v for k,v in kwargs.items() if k!=bad}
 
@@ -57,7 +59,7 @@ def _locked_size(model, kwargs):
     if not model.pretrained_cfg.get('fixed_input_size') or kwargs.get('dynamic_img_size'): return None
     return tuple(kwargs.get('img_size') or model.pretrained_cfg['input_size'][-2:])
 
-# %% ../nbs/00_timm.ipynb #b2212a25
+# %% ../nbs/00_timm.ipynb #00389104
 def _check_weights(weights):
     if weights is None: return None
     if not isinstance(weights, (str, Path)):
@@ -68,7 +70,26 @@ def _check_weights(weights):
                                                    "or `pretrained=False` to start from random weights.")
     return path
 
-# %% ../nbs/00_timm.ipynb #33d70e68
+# %% ../nbs/00_timm.ipynb #7ff1fca7
+def _prefixes(v): return tuple(v) if isinstance(v, (list, tuple)) else (v,) if v else ()
+
+def _check_state_dict(path, arch, kwargs, optional=()):
+    "Raise `ValueError` when the state dict in `path` lacks weights of `arch`"
+    try: sd = timm.models.load_state_dict(str(path))
+    except Exception as e:  # torch.load and safetensors raise many types for a file that is not a checkpoint
+        raise ValueError(f"'{path}' is not a readable state dict ({type(e).__name__}: {e}). "
+                         "Save one with `torch.save(model.state_dict(), path)`.") from e
+    full_kwargs = {k:v for k,v in kwargs.items() if k not in ('pretrained', 'features_only', 'out_indices', 'feature_cls')}
+    with torch.device('meta'): full, _ = _create(arch, dict(full_kwargs, pretrained=False), optional=optional)
+    cfg = full.pretrained_cfg
+    skip = _prefixes(cfg.get('classifier'))
+    missing = [k for k in full.state_dict() if not k.startswith(skip) and not k.endswith('num_batches_tracked') and k not in sd]
+    if missing:
+        raise ValueError(f"The weights in '{path}' do not fit '{arch}': {len(missing)} missing weights "
+                         f"({', '.join(missing[:3])}...). Save them from the same architecture: "
+                         f"`torch.save(timm.create_model('{arch}').state_dict(), path)`.")
+
+# %% ../nbs/00_timm.ipynb #821392bd
 def create_timm_body(arch:str, # A timm model name, with or without a pretrained tag
                      n_in:int=3, # Number of input channels (timm's `in_chans`)
                      pretrained:bool=True, # Load pretrained weights, downloaded or from `weights`
@@ -83,9 +104,12 @@ def create_timm_body(arch:str, # A timm model name, with or without a pretrained
         raise ValueError(f"`weights='{path}'` with `pretrained=False` is ambiguous: use `pretrained=True` to load the file, "
                          "or drop `weights` for random weights.")
     if 'in_chans' in kwargs: raise TypeError("Pass the number of input channels as `n_in`, not `in_chans`.")
-    kwargs = dict(pretrained=pretrained, in_chans=n_in, **_size_kwargs(arch, img_size), **kwargs)
-    if path is not None: kwargs['pretrained_cfg_overlay'] = dict(file=str(path))
-    try: model, kwargs = _create(arch, kwargs)
+    sizing = {k:v for k,v in _size_kwargs(arch, img_size).items() if k not in kwargs}
+    kwargs = dict(pretrained=pretrained, in_chans=n_in, **sizing, **kwargs)
+    if path is not None:
+        _check_state_dict(path, arch, kwargs, optional=tuple(sizing))
+        kwargs['pretrained_cfg_overlay'] = dict(file=str(path))
+    try: model, kwargs = _create(arch, kwargs, optional=tuple(sizing))
     except RuntimeError as e:
         if path is None or 'state_dict' not in str(e): raise
         raise ValueError(f"The weights in '{path}' do not fit '{arch}': {str(e).splitlines()[0]} "
@@ -97,7 +121,7 @@ def create_timm_body(arch:str, # A timm model name, with or without a pretrained
     model.locked_img_size = _locked_size(model, kwargs)
     return model
 
-# %% ../nbs/00_timm.ipynb #b0e39559
+# %% ../nbs/00_timm.ipynb #1ec5c0b7
 def timm_stats(model:nn.Module)->tuple[tuple[float,...],tuple[float,...]]|None:
     "The `(mean, std)` that `model`'s pretrained weights expect, from its `pretrained_cfg`, or `None`"
     cfg = getattr(model, 'pretrained_cfg', None) or getattr(model, 'default_cfg', None) or {}
@@ -113,7 +137,7 @@ def adapt_stats(stats:tuple, # `(mean, std)` for the channels the weights were t
     if n_in == 1: return (sum(mean)/len(mean),), (sum(std)/len(std),)
     return tuple(mean[i % len(mean)] for i in range(n_in)), tuple(std[i % len(std)] for i in range(n_in))
 
-# %% ../nbs/00_timm.ipynb #cf928a1a
+# %% ../nbs/00_timm.ipynb #2f7851c3
 @dataclass(frozen=True)
 class FeatureLevel:
     "One feature map of a timm encoder"
@@ -133,7 +157,7 @@ def feature_pyramid(model:nn.Module # A timm model built with `features_only=Tru
     levels = [FeatureLevel(int(c), int(r)) for c,r in zip(info.channels(), info.reduction())]
     return levels, _output_fmt(model)
 
-# %% ../nbs/00_timm.ipynb #9b653045
+# %% ../nbs/00_timm.ipynb #06da31e0
 def check_pyramid(model, levels, fmt, size=64, n_in=3):
     "Run one small pass of `model` and raise if its outputs disagree with `levels` and `fmt`"
     h, w = (size, size) if isinstance(size, int) else size
@@ -148,7 +172,7 @@ def check_pyramid(model, levels, fmt, size=64, n_in=3):
         if ch != lvl.channels:
             raise RuntimeError(f"timm reported {lvl.channels} channels at stride {lvl.stride} but the model returned {tuple(o.shape)} ({fmt}).")
 
-# %% ../nbs/00_timm.ipynb #b67d6e36
+# %% ../nbs/00_timm.ipynb #08b53d08
 def _find_module(modules, name):
     "The key under which a features wrapper stores the module timm calls `name`"
     for key in (name, name.replace('.', '_'), f'model.{name}'):
@@ -174,7 +198,7 @@ def _matcher_groups(model):
     groups = group_parameters(model, model.group_matcher(coarse=True))
     return [[named[n] for n in names] for _,names in sorted(groups.items())]
 
-# %% ../nbs/00_timm.ipynb #f7fac29c
+# %% ../nbs/00_timm.ipynb #4c6c8383
 def timm_param_groups(model:nn.Module # A timm model, with or without `features_only`
                      )->list[list[nn.Parameter]]:
     "The parameters of `model` grouped by stage, shallow to deep, from timm's metadata"

@@ -6,14 +6,15 @@
 __all__ = ['add_normalize', 'stats_of_normalize', 'create_timm_model', 'create_vision_model', 'timm_split', 'timm_unet_split',
            'vision_learner', 'create_unet_model', 'unet_learner']
 
-# %% ../../nbs/02_vision.learner.ipynb #5d0aff00
+# %% ../../nbs/02_vision.learner.ipynb #b9cf6b3b
 import warnings
 from fastai.vision.all import *
 import fastai.vision.learner as _fastai_learner
-from ..timm import create_timm_body, timm_stats, adapt_stats, timm_param_groups
+import timm
+from ..timm import check_timm_name, create_timm_body, timm_stats, adapt_stats, timm_param_groups
 from .models.unet import TimmBody, TimmUnet
 
-# %% ../../nbs/02_vision.learner.ipynb #1470e7a9
+# %% ../../nbs/02_vision.learner.ipynb #ed59be44
 def _same_stats(tfm, stats):
     mean, std = (torch.tensor(s, dtype=torch.float32) for s in stats)
     m, s = tfm.mean.detach().float().flatten().cpu(), tfm.std.detach().float().flatten().cpu()
@@ -39,7 +40,7 @@ def stats_of_normalize(tfm:Normalize)->tuple:
     "The `(mean, std)` of a fastai `Normalize`, as tuples of floats"
     return tuple(tfm.mean.flatten().tolist()), tuple(tfm.std.flatten().tolist())
 
-# %% ../../nbs/02_vision.learner.ipynb #12bf8b73
+# %% ../../nbs/02_vision.learner.ipynb #6e8b24c2
 def _timm_norm(dls, cfg, pretrained, n_in=3):
     "Normalize `dls` with the mean and std of a timm `pretrained_cfg`, adapted to `n_in` channels"
     if not pretrained or cfg is None or 'mean' not in cfg: return
@@ -51,7 +52,7 @@ def _add_norm(dls, meta, pretrained, n_in=3):
     if not pretrained or stats is None: return
     add_normalize(dls, adapt_stats(stats, n_in), 'the pretrained weights')
 
-# %% ../../nbs/02_vision.learner.ipynb #843efd12
+# %% ../../nbs/02_vision.learner.ipynb #fcf79caa
 def _timm_body_for_head(model, cut):
     "The body of a headless timm classifier, and whether fastai's head must pool it"
     if cut is not None:
@@ -60,7 +61,7 @@ def _timm_body_for_head(model, cut):
     body = _fastai_learner.TimmBody(model)
     return body, model.num_features, body.needs_pool
 
-# %% ../../nbs/02_vision.learner.ipynb #6c4622cf
+# %% ../../nbs/02_vision.learner.ipynb #a88e931c
 @delegates(_fastai_learner.create_head, but=['nf', 'n_out'])
 def create_timm_model(arch:str, # A timm name, with or without a pretrained tag
                       n_out:int, # Number of outputs of the head
@@ -81,7 +82,7 @@ def create_timm_model(arch:str, # A timm name, with or without a pretrained tag
     res = add_head(body, nf, n_out, init=init, head=custom_head, **head_kwargs)
     return res, model.pretrained_cfg
 
-# %% ../../nbs/02_vision.learner.ipynb #258ea23d
+# %% ../../nbs/02_vision.learner.ipynb #cd8c1f31
 def _meta(arch): return _fastai_learner.model_meta.get(arch, _fastai_learner._default_meta)
 
 @delegates(_fastai_learner.create_head, but=['nf', 'n_out'])
@@ -105,7 +106,7 @@ def create_vision_model(arch, # A timm name, a torchvision-style callable, or a 
     return _fastai_learner.create_vision_model(arch, n_out, pretrained=pretrained, weights=weights, cut=cut, n_in=n_in,
                                                init=init, custom_head=custom_head, **kwargs)
 
-# %% ../../nbs/02_vision.learner.ipynb #9d38ace3
+# %% ../../nbs/02_vision.learner.ipynb #ea1cea7c
 def timm_split(m:nn.Module):
     "Split a timm classifier `Sequential(body, head)` into timm's stage groups plus the head"
     body = m[0].model if isinstance(m[0], _fastai_learner.TimmBody) else m[0]
@@ -118,13 +119,23 @@ def timm_unet_split(m:TimmUnet):
     enc_ids = {id(p) for p in enc.parameters()}
     return L(*timm_param_groups(enc), [p for p in m.parameters() if id(p) not in enc_ids])
 
-# %% ../../nbs/02_vision.learner.ipynb #38239536
+# %% ../../nbs/02_vision.learner.ipynb #4b71364c
 def _n_out(n_out, dls):
     n_out = ifnone(n_out, get_c(dls))
     if not n_out:
         raise ValueError("`n_out` could not be inferred from the data: the DataLoaders have no `c` (number of classes). "
                          "Pass `n_out=` (the number of classes or outputs), or set `dls.c`.")
     return n_out
+
+def _img_size(dls):
+    xb = dls.one_batch()[0]
+    if xb.ndim != 4: raise ValueError(f"The model needs batches of images (N, C, H, W), got a batch of shape {tuple(xb.shape)}.")
+    return tuple(xb.shape[-2:])
+
+def _fixed_size_for(arch, dls):
+    "The size of the data when `arch` is a fixed-size timm family that must be built for it, else `None`"
+    check_timm_name(arch)
+    return _img_size(dls) if timm.get_pretrained_cfg_value(arch.partition('.')[0], 'fixed_input_size') else None
 
 def _model_stats(model):
     "The stats of the first module of `model` that carries a timm `pretrained_cfg`, or `None`"
@@ -133,7 +144,7 @@ def _model_stats(model):
         if cfg and 'mean' in cfg: return cfg
     return None
 
-# %% ../../nbs/02_vision.learner.ipynb #6dfb3aa5
+# %% ../../nbs/02_vision.learner.ipynb #a25cdd00
 @delegates(create_vision_model)
 def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None,
         # learner args
@@ -143,6 +154,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
         cut=None, n_in=3, **kwargs):
     "Build a vision learner from `dls` and `arch`: a timm name, a torchvision-style callable or a built model"
     n_out = _n_out(n_out, dls)
+    if isinstance(arch, str) and kwargs.get('img_size') is None: kwargs['img_size'] = _fixed_size_for(arch, dls)
     model = create_vision_model(arch, n_out, pretrained=pretrained, weights=weights, cut=cut, n_in=n_in, **kwargs)
     timm_cfg = _model_stats(model)
     if normalize and timm_cfg is not None: _timm_norm(dls, timm_cfg, pretrained, n_in)
@@ -156,7 +168,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
     store_attr('arch,normalize,n_out,pretrained', self=learn, **kwargs)
     return learn
 
-# %% ../../nbs/02_vision.learner.ipynb #5f4b79d7
+# %% ../../nbs/02_vision.learner.ipynb #39ac3e18
 def _is_timm_features(m): return isinstance(m, nn.Module) and hasattr(getattr(m, 'feature_info', None), 'channels')
 
 def _timm_unet_body(arch, n_in, pretrained, weights, img_size, cut, timm_kwargs):
@@ -166,7 +178,7 @@ def _timm_unet_body(arch, n_in, pretrained, weights, img_size, cut, timm_kwargs)
         return TimmBody(arch, n_in=n_in, pretrained=pretrained, weights=weights, img_size=img_size, **(timm_kwargs or {}))
     return TimmBody(arch)
 
-# %% ../../nbs/02_vision.learner.ipynb #253c2218
+# %% ../../nbs/02_vision.learner.ipynb #67ce9433
 @delegates(TimmUnet.__init__, but=['encoder', 'n_out', 'img_size'])
 def create_unet_model(arch, # A timm name, a timm `features_only` model, a torchvision-style callable or a built body
                       n_out:int, # Number of output channels (classes)
@@ -187,17 +199,12 @@ def create_unet_model(arch, # A timm name, a timm `features_only` model, a torch
     return _fastai_learner.create_unet_model(arch, n_out, img_size, pretrained=pretrained, weights=weights, cut=cut,
                                              n_in=n_in, **kwargs)
 
-# %% ../../nbs/02_vision.learner.ipynb #9a0a53fa
+# %% ../../nbs/02_vision.learner.ipynb #4080f661
 def _unet_norm(dls, model, arch, pretrained, n_in):
     if isinstance(model, TimmUnet): _timm_norm(dls, model.encoder.model.pretrained_cfg, pretrained, n_in)
     elif not isinstance(arch, nn.Module): _add_norm(dls, _meta(arch), pretrained, n_in)
 
-def _img_size(dls):
-    xb = dls.one_batch()[0]
-    if xb.ndim != 4: raise ValueError(f"A U-Net needs batches of images (N, C, H, W), got a batch of shape {tuple(xb.shape)}.")
-    return tuple(xb.shape[-2:])
-
-# %% ../../nbs/02_vision.learner.ipynb #4119ab1f
+# %% ../../nbs/02_vision.learner.ipynb #b62ba3ff
 @delegates(create_unet_model)
 def unet_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weights=None, config=None,
                  # learner args

@@ -1,0 +1,92 @@
+"Each fastai U-Net option changes the timm U-Net, and the model traces without hooks."
+import pytest
+import torch
+from torch import nn
+from fastai.layers import NormType, SelfAttention, SigmoidRange
+from fastai_timm.vision.learner import create_unet_model
+from fastai_timm.vision.models.unet import TimmUnet, TimmBody
+
+
+def build(arch='test_resnet', **kwargs):
+    torch.manual_seed(0)
+    return create_unet_model(arch, 2, (64, 64), pretrained=False, **kwargs)
+
+
+def kinds(model): return [type(m).__name__ for m in model.modules()]
+
+
+def count(model, cls): return sum(isinstance(m, cls) for m in model.modules())
+
+
+def test_blur_adds_blur_to_upsampling():
+    assert count(build(blur=True), nn.AvgPool2d) > count(build(), nn.AvgPool2d)
+
+
+def test_blur_final_controls_last_upsampling():
+    with_final, without_final = build(blur=True), build(blur=True, blur_final=False)
+    assert count(with_final.final_up, nn.AvgPool2d) == 1
+    assert count(without_final.final_up, nn.AvgPool2d) == 0
+    assert count(without_final.blocks, nn.AvgPool2d) == count(with_final.blocks, nn.AvgPool2d) > 0
+
+
+def test_self_attention_in_third_block_from_end():
+    model = build(self_attention=True)
+    assert count(model, SelfAttention) == 1
+    assert count(model.blocks[-3], SelfAttention) == 1
+    assert count(build(), SelfAttention) == 0
+
+
+def test_y_range_bounds_output():
+    model = build(y_range=(-1, 3)).eval()
+    assert isinstance(model.y_range, SigmoidRange)
+    out = model(torch.randn(2, 3, 64, 64) * 50)
+    assert out.min() >= -1 and out.max() <= 3
+
+
+def test_last_cross_merges_input():
+    with_cross, without_cross = build(), build(last_cross=False)
+    assert hasattr(with_cross, 'cross') and not hasattr(without_cross, 'cross')
+    assert with_cross.head[0].in_channels == without_cross.head[0].in_channels + 3
+
+
+def test_bottle_halves_cross_block():
+    plain, bottle = build(), build(bottle=True)
+    assert bottle.head[0].in_channels == plain.head[0].in_channels // 2
+    assert bottle(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_act_cls_replaces_activations():
+    model = build(act_cls=nn.SiLU)
+    assert count(model.blocks, nn.SiLU) > 0
+    assert count(model.blocks, nn.ReLU) == 0
+
+
+def test_norm_type_adds_batchnorm_to_convs():
+    plain, batch = build(), build(norm_type=NormType.Batch)
+    assert count(batch.blocks, nn.BatchNorm2d) > count(plain.blocks, nn.BatchNorm2d)
+    assert batch(torch.randn(2, 3, 64, 64)).shape == (2, 2, 64, 64)
+
+
+def test_widths_set_decoder_channels():
+    model = build(widths=[64, 48, 40, 24, 20])
+    assert [b.conv2[0].out_channels for b in model.blocks] == [48, 40, 24, 20]
+
+
+def test_no_forward_hooks():
+    model = build()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize('arch', ['test_resnet', 'test_convnext', 'test_mambaout'])
+def test_trace_reproduces_output(arch):
+    model = build(arch).eval()
+    x = torch.randn(2, 3, 64, 64)
+    traced = torch.jit.trace(model, x)
+    assert torch.allclose(traced(x), model(x), atol=1e-5), arch
+
+
+def test_torch_export_reproduces_output():
+    model = build('test_convnext').eval()
+    x = torch.randn(2, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
