@@ -221,12 +221,12 @@ def _verdict(rec, steps):
     return 'pass', ''
 
 
-def sweep(rows, contenders, timeout, budget, jobs):
+def sweep(rows, contenders, timeout, budget, jobs, results=None, save=None):
     "Run every selected model for every contender, `jobs` processes at a time, within `budget` seconds"
     from concurrent.futures import ThreadPoolExecutor
     start = time.perf_counter()
-    results = {c: {} for c in contenders}
-    todo = [(c, r) for r in rows if r['features'] == 'yes' for c in contenders]
+    results = results or {c: {} for c in contenders}
+    todo = [(c, r) for r in rows if r['features'] == 'yes' for c in contenders if r['model'] not in results[c]]
 
     def one(item):
         contender, row = item
@@ -236,6 +236,8 @@ def sweep(rows, contenders, timeout, budget, jobs):
         steps = FASTAI_STEPS if contender == 'fastai_timm' else SMP_STEPS
         rec['status'], rec['reason'] = _verdict(rec, steps)
         results[contender][row['model']] = rec
+        # Written after every model, so that an interrupted sweep keeps what it measured (see --resume).
+        if save is not None: save(results)
         print(f"{contender:12s} {row['model']:45s} {rec['status']:5s} {rec.get('seconds', '')!s:>6s}s {rec['reason'][:110]}",
               file=sys.stderr, flush=True)
 
@@ -312,13 +314,14 @@ def _rows_from(path):
 def _merged(out, rows, results):
     "The rows and results of the CSVs under `out`, with those of this run in place of the old ones"
     files = {'fastai_timm': out/'coverage.csv', 'smp': out/'coverage_smp.csv'}
+    if not files['fastai_timm'].exists(): return rows, results
     with open(files['fastai_timm'], newline='') as f: old_rows = list(csv.DictReader(f))
     new_rows = {r['model']: r for r in rows}
     merged_rows = [new_rows.get(r['model']) or dict(r, features='no' if r['status'] == 'no features_only' else 'yes')
                    for r in old_rows]
     merged = {}
     for contender, recs in results.items():
-        with open(files[contender], newline='') as f: old = {r['model']: r for r in csv.DictReader(f)}
+        with open(files[contender], newline='') as f: old = {r['model']: r for r in csv.DictReader(f) if r['status']}
         merged[contender] = {**old, **recs}
     return merged_rows, merged
 
@@ -334,6 +337,8 @@ def main():
     p.add_argument('--out', type=Path, default=RESULTS, help='folder for coverage.csv and coverage_smp.csv')
     p.add_argument('--select-only', action='store_true', help='print the representatives and stop')
     p.add_argument('--reuse', type=Path, help='take the representatives from the rows of an earlier coverage.csv')
+    p.add_argument('--resume', action='store_true',
+                   help='keep the rows of the CSVs under --out and run only the models they lack')
     p.add_argument('--update', action='store_true',
                    help='with --models: replace only these rows in the CSVs under --out, keep the others, summarize all')
     args = p.parse_args()
@@ -355,11 +360,19 @@ def main():
     if unknown: p.error(f'unknown contenders {sorted(unknown)}; expected fastai_timm and/or smp')
 
     _import_all()
-    results = sweep(rows, contenders, args.timeout, args.budget - (time.perf_counter() - start), args.jobs)
-    if args.update: rows, results = _merged(args.out, rows, results)
     args.out.mkdir(parents=True, exist_ok=True)
-    if 'fastai_timm' in results: write_csv(args.out/'coverage.csv', FASTAI_COLUMNS, rows, results['fastai_timm'])
-    if 'smp' in results: write_csv(args.out/'coverage_smp.csv', SMP_COLUMNS, rows, results['smp'])
+    done = _merged(args.out, rows, {c: {} for c in contenders})[1] if args.resume else None
+
+    def save(results):
+        "Write both CSVs; with --update, merged into the rows already there. Return what was written"
+        written = _merged(args.out, rows, results) if args.update else (rows, results)
+        if 'fastai_timm' in results: write_csv(args.out/'coverage.csv', FASTAI_COLUMNS, written[0], written[1]['fastai_timm'])
+        if 'smp' in results: write_csv(args.out/'coverage_smp.csv', SMP_COLUMNS, written[0], written[1]['smp'])
+        return written
+
+    results = sweep(rows, contenders, args.timeout, args.budget - (time.perf_counter() - start), args.jobs,
+                    results=done, save=save)
+    rows, results = save(results)
     print(summary(rows, results))
     print(f'\nswept in {time.perf_counter() - start:.0f} s', file=sys.stderr)
 

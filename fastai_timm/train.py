@@ -61,9 +61,9 @@ def _check_dirs(data, images, labels):
 def _check_pairs(files, mask_path):
     missing = [f for f in files if not mask_path(f).is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images have no mask: {_listing(mask_path(f) for f in missing)} not "
-                                "found. Add the masks or remove those images; if the masks are named with a suffix "
-                                "(CAMVID: a.png -> a_P.png), pass --label-suffix.")
+        raise FileNotFoundError(f"No mask found for {len(missing)} of {len(files)} images. Missing: "
+                                f"{_listing(mask_path(f) for f in missing)}. Add the masks or remove those images. If "
+                                "the masks are named with a suffix (CAMVID: a.png -> a_P.png), pass --label-suffix.")
 
 # %% ../nbs/05_train.ipynb #ce723a85
 def _open(f, what):
@@ -131,7 +131,7 @@ def split_files(files:list, # Sorted image files
         names = _read_names(valid, files)
         idx = [i for i, f in enumerate(files) if f.name in names]
     else:
-        if not 0 < valid_pct < 1: raise ValueError(f"valid_pct={valid_pct}; pass a fraction between 0 and 1.")
+        if not 0 < valid_pct < 1: raise ValueError(f"--valid-pct is {valid_pct}; pass a fraction between 0 and 1.")
         n_valid = max(1, round(len(files) * valid_pct))
         idx = sorted(np.random.default_rng(seed).permutation(len(files))[:n_valid].tolist())
     if not idx or len(idx) == len(files):
@@ -200,9 +200,10 @@ def check_export(learn:Learner, # The trained learner
 
 # %% ../nbs/05_train.ipynb #2e1fe690
 def _save_results(learn, out, max_n=4):
-    learn.show_results(max_n=max_n, figsize=(6, 1.6*max_n))
+    # fastai shows a shuffled batch by default; the first one makes the picture the same for the same run.
+    learn.show_results(max_n=max_n, shuffle=False, figsize=(4.5, 2.25*max_n))
     fig = plt.gcf()
-    fig.savefig(out/'results.png', dpi=80, bbox_inches='tight')
+    fig.savefig(out/'results.png', dpi=90, bbox_inches='tight')
     plt.close(fig)
 
 def _final_metrics(learn):
@@ -262,6 +263,28 @@ def _write_run(learn, tmp, info, history, start):
     (tmp/'metrics.json').write_text(json.dumps(info, indent=2) + '\n')
 
 # %% ../nbs/05_train.ipynb #f28181ad
+@contextmanager
+def _torch_threads(n):
+    "Run the block with `n` PyTorch CPU threads (the current count when `n` is 0), then restore the count"
+    before = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield torch.get_num_threads()
+    finally: torch.set_num_threads(before)
+
+def _check_settings(size, bs, epochs, lr, threads):
+    for name, value, unit in [('size', size, 'pixels'), ('bs', bs, 'images'), ('epochs', epochs, 'epochs')]:
+        if value < 1: raise ValueError(f"--{name} is {value}; pass a positive number of {unit}.")
+    if not lr > 0: raise ValueError(f"--lr is {lr}; pass a positive learning rate, e.g. 3e-3.")
+    if threads < 0: raise ValueError(f"--threads is {threads}; pass a number of threads, or 0 for PyTorch's default.")
+
+# %% ../nbs/05_train.ipynb #875bbc2f
+def _train_and_save(learn, epochs, lr, pretrained, tmp, info, start):
+    fit_start = time.time()
+    history = _fit(learn, epochs, lr, pretrained)
+    info['train_time_s'] = round(time.time() - fit_start, 1)
+    info['metrics'] = _final_metrics(learn)
+    _write_run(learn, tmp, info, history, start)
+
 def train_folder(data:Path, # Folder with `images/`, `labels/` and `codes.txt`
                  out:Path, # Output folder, created with the run's results
                  arch:str='resnet18', # timm encoder name
@@ -276,10 +299,13 @@ def train_folder(data:Path, # Folder with `images/`, `labels/` and `codes.txt`
                  label_suffix:str='', # Inserted before the extension of an image name to give its mask's name
                  seed:int=42, # Seed of the split, the weights and the batch order
                  overwrite:bool=False, # Replace `out` if it exists and is not empty
-                 num_workers:int=0 # DataLoader worker processes
+                 num_workers:int=0, # DataLoader worker processes
+                 threads:int=0 # PyTorch CPU threads during the run; 0 keeps PyTorch's setting
                 )->dict:
     "Train a timm U-Net on the images and masks in `data`; write results, metrics and the export to `out`"
-    start, data, out = time.time(), Path(data), Path(out)
+    # Absolute, because fastai joins `learn.path` (the data folder) with the names given to `learn.export`.
+    start, data, out = time.time(), Path(data), Path(out).absolute()
+    _check_settings(size, bs, epochs, lr, threads)
     _check_out(out, overwrite)
     files, codes = check_folder(data, label_suffix)
     valid_idx = split_files(files, valid, valid_pct, seed)
@@ -290,12 +316,9 @@ def train_folder(data:Path, # Folder with `images/`, `labels/` and `codes.txt`
     learn = unet_learner(dls, arch, pretrained=pretrained, weights=weights, metrics=class_metrics(codes))
     info = dict(arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained, seed=seed,
                 n_train=len(files) - len(valid_idx), n_valid=len(valid_idx), classes=codes)
-    with _staging(out) as tmp:
-        fit_start = time.time()
-        history = _fit(learn, epochs, lr, pretrained)
-        info['train_time_s'] = round(time.time() - fit_start, 1)
-        info['metrics'] = _final_metrics(learn)
-        _write_run(learn, tmp, info, history, start)
+    with _torch_threads(threads) as n_threads, _staging(out) as tmp:
+        info['threads'] = n_threads
+        _train_and_save(learn, epochs, lr, pretrained, tmp, info, start)
     return info
 
 # %% ../nbs/05_train.ipynb #549ff091
@@ -307,14 +330,15 @@ def main(data:Path=None, # Folder with images/, labels/ (masks of the same names
          bs:int=8, # Batch size, in images
          epochs:int=5, # Number of epochs (with --pretrained: epochs after one epoch with the encoder frozen)
          lr:float=3e-3, # Maximum learning rate of the one-cycle schedule
-         pretrained:bool=False, # Start from timm's pretrained encoder weights (needs access to the Hugging Face Hub)
+         pretrained:bool=False, # Start from timm's pretrained encoder weights (downloaded by timm, so it needs a network)
          weights:Path=None, # Local state dict file of the encoder (torch.save(model.state_dict())); implies --pretrained
          valid:Path=None, # Text file with the validation image names, one per line (default: a random split)
          valid_pct:float=0.2, # Fraction of the images used for validation without --valid, between 0 and 1
          label_suffix:str='', # Text inserted before the extension of an image name to give its mask name (CAMVID: _P)
          seed:int=42, # Seed of the split, the initial weights and the batch order
          overwrite:bool=False, # Replace --out if it exists and is not empty
-         num_workers:int=0 # DataLoader worker processes (0: load in the main process)
+         num_workers:int=0, # DataLoader worker processes (0: load in the main process)
+         threads:int=0 # PyTorch CPU threads (0: PyTorch's default, one per core unless OMP_NUM_THREADS is set)
         ):
     "Train a timm U-Net on a folder of images and masks; write results.png, metrics and the exported learner"
     if data is None: raise ValueError("No data folder given. Pass --data with a folder that contains images/, labels/ "
@@ -322,4 +346,4 @@ def main(data:Path=None, # Folder with images/, labels/ (masks of the same names
     out = Path('runs')/Path(data).resolve().name if out is None else out
     return train_folder(data, out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
                         weights=weights, valid=valid, valid_pct=valid_pct, label_suffix=label_suffix, seed=seed,
-                        overwrite=overwrite, num_workers=num_workers)
+                        overwrite=overwrite, num_workers=num_workers, threads=threads)

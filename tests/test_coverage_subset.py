@@ -18,9 +18,11 @@ CASES = [
     pytest.param('test_vit', [4, 8, 16, 32], 'NCHW', id='test_vit'),  # flat at 16: the neck adds 4, 8 and 32
     pytest.param('vit_tiny_patch16_224', [4, 8, 16, 32], 'NCHW', id='vit_tiny_patch16_224'),
     pytest.param('eva02_tiny_patch14_224', [3.5, 7, 14, 28], 'NCHW', id='eva02_tiny_patch14_224'),  # flat at 14
-    pytest.param('xcit_nano_12_p8_224', [2, 4, 8, 16], 'NCHW', id='xcit_nano_12_p8_224'),  # flat at 8, one size only
+    pytest.param('xcit_nano_12_p8_224', [2, 4, 8, 16], 'NCHW', id='xcit_nano_12_p8_224',  # flat at 8, one size only
+                 marks=pytest.mark.slow),
     pytest.param('levit_128s', [16, 32, 64], 'NCHW', id='levit_128s'),  # coarse start, one size only
-    pytest.param('crossvit_tiny_240', [12, 17], 'NCHW', id='crossvit_tiny_240'),  # strides that do not divide
+    pytest.param('crossvit_tiny_240', [12, 17], 'NCHW', id='crossvit_tiny_240',  # strides that do not divide
+                 marks=pytest.mark.slow),
     pytest.param('test_maxvit', [2, 4, 8, 16, 32], 'NCHW', id='test_maxvit'),  # one size only
     pytest.param('test_coatnet', [2, 4, 8, 16, 32], 'NCHW', id='test_coatnet'),
     pytest.param('vgg11', [1, 2, 4, 8, 16, 32], 'NCHW', id='vgg11'),  # a full-resolution skip
@@ -101,8 +103,8 @@ def test_crossvit_larger_than_pretrained_raises():
 
 
 def test_square_only_family_falls_back_to_pretrained_size():
-    "NesT takes square inputs only, which no metadata says: a smaller non-square size is padded to 224×224"
-    with pytest.warns(UserWarning, match=r"does not run at 224×192 .* padded to it"):
+    "NesT takes square inputs only, which no metadata says: 201×179, padded to 208×192, is padded to 224×224 instead"
+    with pytest.warns(UserWarning, match=r"does not run at 208×192 .* padded to it"):
         model = _unet('nest_tiny', (201, 179))
     assert model.locked_img_size == (224, 224)
     assert _run(model, (201, 179)).shape == (1, 2, 201, 179)

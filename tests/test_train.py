@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 import fastai_timm.train as train
@@ -54,6 +55,14 @@ def test_train_writes_complete_run(folder, tmp_path):
     assert Image.open(out/'results.png').size[0] > 100
 
 
+def test_relative_paths(folder, tmp_path, monkeypatch):
+    "Relative --data and --out, as tools/train.sh passes them, resolve against the working directory"
+    monkeypatch.chdir(tmp_path)
+    main(data=Path('blobs'), out=Path('runs')/'blobs', **FAST)
+    assert (tmp_path/'runs'/'blobs'/'model.pkl').is_file()
+    assert not (folder/'runs').exists()
+
+
 def test_train_learns_blobs(folder, tmp_path):
     info = main(data=folder, out=tmp_path/'run', **{**FAST, 'epochs': 4})
     assert info['metrics']['dice_blob'] > 0.5, info['metrics']
@@ -85,6 +94,22 @@ def test_weights_fine_tune(folder, tmp_path, saved_weights):
     assert info['export_max_diff'] <= 1e-5
 
 
+def test_threads_set_and_restored(folder, tmp_path):
+    before = torch.get_num_threads()
+    info = main(data=folder, out=tmp_path/'run', threads=1, **FAST)
+    assert info['threads'] == 1
+    assert json.loads((tmp_path/'run'/'metrics.json').read_text())['threads'] == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize('setting,text', [(dict(size=0), '--size is 0'), (dict(epochs=0), '--epochs is 0'),
+                                          (dict(bs=-1), '--bs is -1'), (dict(lr=-1e-3), '--lr is -0.001'),
+                                          (dict(threads=-2), '--threads is -2'), (dict(valid_pct=1.5), '--valid-pct is 1.5')])
+def test_bad_setting_raises(setting, text, folder, tmp_path):
+    with pytest.raises(ValueError, match=re.escape(text)): main(data=folder, out=tmp_path/'run', **{**FAST, **setting})
+    assert leftovers(tmp_path/'run') == []
+
+
 def test_label_suffix_finds_masks(folder, tmp_path):
     for f in (folder/'labels').iterdir(): f.rename(f.with_name(f'{f.stem}_P.png'))
     with pytest.raises(FileNotFoundError, match='--label-suffix'): main(data=folder, out=tmp_path/'bad', **FAST)
@@ -106,7 +131,7 @@ def _palette_mask(colours):
 BAD_INPUT = [
     ('mask_value_not_in_codes', lambda p: _mask(3).save(p/'labels'/'2.png'), ValueError, 'contains the pixel values [3]'),
     ('mask_value_255', lambda p: _mask(255).save(p/'labels'/'4.png'), ValueError, 'Add the missing class names'),
-    ('image_without_mask', lambda p: (p/'labels'/'6.png').unlink(), FileNotFoundError, '6.png not found'),
+    ('image_without_mask', lambda p: (p/'labels'/'6.png').unlink(), FileNotFoundError, 'No mask found for 1 of 8 images'),
     ('sizes_differ', lambda p: _mask(0, (40, 64)).save(p/'labels'/'0.png'), ValueError, 'is 64x40 pixels but its image is 64x64'),
     ('rgb_mask', lambda p: Image.new('RGB', (64, 64)).save(p/'labels'/'1.png'), ValueError, "mode 'RGB'"),
     ('palette_mask', lambda p: _palette_mask((0, 0, 0, 255, 0, 0)).save(p/'labels'/'1.png'), ValueError, "mode 'P'"),
@@ -185,7 +210,8 @@ def test_console_script(folder, tmp_path):
     (folder/'labels'/'0.png').unlink()
     res = subprocess.run([sys.executable, script, '--data', folder, '--out', tmp_path/'run'], capture_output=True, text=True)
     assert res.returncode != 0
-    assert '0.png not found' in res.stderr
+    assert 'No mask found for 1 of 8 images' in res.stderr
+    assert str(folder/'labels'/'0.png') in res.stderr
     assert not (tmp_path/'run').exists()
 
 

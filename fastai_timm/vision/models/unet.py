@@ -93,14 +93,11 @@ def _padded_size(model, img_size):
 def _reason(e): return f"{type(e).__name__}: {' '.join(str(e).split())[:200] or 'no message'}"
 
 def _run_error(model, size, n_in):
-    "The error `model` raises on an input of `size`, or `None` when it runs"
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(): model(torch.zeros(1, n_in, *size))
+    "The error `model` raises on an input of `size`, or `None` when it runs and returns the maps `feature_info` reports"
+    # `check_pyramid` runs the one build-time pass: it raises RuntimeError when the maps disagree with the metadata.
+    try: check_pyramid(model, *feature_pyramid(model), size=size, n_in=n_in)
     # Models reject a size in several ways: timm's asserts, shape mismatches in attention biases, bad reshapes.
     except (RuntimeError, AssertionError, ValueError) as e: return _reason(e)
-    finally: model.train(was_training)
     return None
 
 def _try_size(name, img_size, build):
@@ -112,6 +109,11 @@ def _try_size(name, img_size, build):
         h, w = (size, size) if isinstance(size, int) else size
         return None, (h, w), _reason(e)
     padded = _padded_size(model, img_size)
+    if not timm.get_pretrained_cfg_value(name, 'fixed_input_size'):
+        # Most encoders that take any size run at twice their total stride, which checks them at a fraction of the
+        # cost of the training size; the few that need more (HaloNet's attention blocks) get checked at that size.
+        small = _padded_size(model, None)
+        if _run_error(model, small, build['n_in']) is None: return model, padded, None
     return model, padded, _run_error(model, padded, build['n_in'])
 
 def _fitted_encoder(name, img_size, build):
@@ -163,7 +165,8 @@ class TimmBody(Module):
                  **kwargs # Passed to `timm.create_model` (for a name)
                 ):
         self.adapter = None
-        if isinstance(arch, str):
+        built = isinstance(arch, str)
+        if built:
             # The U-Net pads its input to a multiple of the total stride, so a fixed-size encoder (which may only run
             # at its build size) is built for that padded size.
             build = dict(n_in=n_in, pretrained=pretrained, weights=weights, **kwargs)
@@ -176,7 +179,8 @@ class TimmBody(Module):
         self.model = arch
         levels, self.fmt = feature_pyramid(arch)
         model_in = 3 if self.adapter is not None else self.n_in
-        check_pyramid(arch, levels, self.fmt, size=_padded_size(arch, img_size), n_in=model_in)
+        # A model built here was checked while it was fitted to the size; one passed in is checked now.
+        if not built: check_pyramid(arch, levels, self.fmt, size=_padded_size(arch, None), n_in=model_in)
         flat = len({l.stride for l in levels}) == 1
         self.neck = SimpleFeaturePyramid(levels[-1].channels, levels[-1].stride) if flat else None
         self.levels = self.neck.levels if flat else levels
