@@ -331,7 +331,7 @@ def main():
     p.add_argument('--models', help='comma-separated timm names to sweep instead of one per module')
     p.add_argument('--modules', help='comma-separated timm modules to choose representatives from (default: all)')
     p.add_argument('--contenders', default='fastai_timm,smp', help='comma-separated: fastai_timm, smp')
-    p.add_argument('--timeout', type=float, default=300, help='time limit of one model for one contender, in seconds')
+    p.add_argument('--timeout', type=float, default=900, help='time limit of one model for one contender, in seconds')
     p.add_argument('--budget', type=float, default=2700, help='time limit of the whole sweep, in seconds')
     p.add_argument('--jobs', type=int, default=1, help='models run at the same time, one process each')
     p.add_argument('--out', type=Path, default=RESULTS, help='folder for coverage.csv and coverage_smp.csv')
