@@ -40,12 +40,14 @@ def test_y_range_bounds_output():
     model = build(y_range=(-1, 3)).eval()
     assert isinstance(model.y_range, SigmoidRange)
     out = model(torch.randn(2, 3, 64, 64) * 50)
-    assert out.min() >= -1 and out.max() <= 3
+    assert out.min() >= -1
+    assert out.max() <= 3
 
 
 def test_last_cross_merges_input():
     with_cross, without_cross = build(), build(last_cross=False)
-    assert hasattr(with_cross, 'cross') and not hasattr(without_cross, 'cross')
+    assert hasattr(with_cross, 'cross')
+    assert not hasattr(without_cross, 'cross')
     assert with_cross.head[0].in_channels == without_cross.head[0].in_channels + 3
 
 

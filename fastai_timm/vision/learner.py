@@ -11,7 +11,7 @@ import warnings
 from fastai.vision.all import *
 import fastai.vision.learner as _fastai_learner
 import timm
-from ..timm import check_timm_name, create_timm_body, timm_stats, adapt_stats, timm_param_groups
+from ..timm import check_timm_name, create_timm_body, adapt_stats, timm_param_groups
 from .models.unet import TimmBody, TimmUnet
 
 # %% ../../nbs/02_vision.learner.ipynb #ed59be44
@@ -132,6 +132,12 @@ def _img_size(dls):
     if xb.ndim != 4: raise ValueError(f"The model needs batches of images (N, C, H, W), got a batch of shape {tuple(xb.shape)}.")
     return tuple(xb.shape[-2:])
 
+def _default_splitter(model, arch):
+    "timm's stage split for a timm body, `model_meta`'s split for a torchvision callable, else body and head"
+    if isinstance(model[0], _fastai_learner.TimmBody): return timm_split
+    if isinstance(arch, (str, nn.Module)): return default_split
+    return _meta(arch)['split']
+
 def _fixed_size_for(arch, dls):
     "The size of the data when `arch` is a fixed-size timm family that must be built for it, else `None`"
     check_timm_name(arch)
@@ -159,9 +165,7 @@ def vision_learner(dls, arch, normalize=True, n_out=None, pretrained=True, weigh
     timm_cfg = _model_stats(model)
     if normalize and timm_cfg is not None: _timm_norm(dls, timm_cfg, pretrained, n_in)
     elif normalize and not isinstance(arch, (str, nn.Module)): _add_norm(dls, _meta(arch), pretrained, n_in)
-    if splitter is None:
-        timm_body = isinstance(model[0], _fastai_learner.TimmBody)
-        splitter = timm_split if timm_body else _meta(arch)['split'] if not isinstance(arch, (str, nn.Module)) else default_split
+    if splitter is None: splitter = _default_splitter(model, arch)
     learn = Learner(dls=dls, model=model, loss_func=loss_func, opt_func=opt_func, lr=lr, splitter=splitter, cbs=cbs,
                     metrics=metrics, path=path, model_dir=model_dir, wd=wd, wd_bn_bias=wd_bn_bias, train_bn=train_bn, moms=moms)
     if pretrained: learn.freeze()

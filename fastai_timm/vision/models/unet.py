@@ -63,32 +63,36 @@ def _build_size(arch, img_size, kwargs):
     "The size to build a fixed-size encoder for: `img_size` (or its pretrained size) rounded up to the U-Net's padding"
     if not timm.get_pretrained_cfg_value(arch, 'fixed_input_size'): return img_size
     native = tuple(timm.get_pretrained_cfg_value(arch, 'input_size')[-2:])
-    size = img_size or native
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    h, w = _pair(img_size or native)
     strides = _meta_strides(arch, kwargs)
     if strides is None: return img_size
     if any(b % a for a,b in zip(strides, strides[1:])):
         # Strides that do not divide each other (CrossViT's 12 and 17, rounded from 16·240/224) tell nothing exact
-        # about the sizes the model runs at; its pretrained size is known to work, and takes any smaller input.
+        # about the sizes the model runs at. Its pretrained size is known to work, and so is any smaller input.
         if h > native[0] or w > native[1]:
             raise ValueError(f"'{arch}' reports strides {list(strides)}, which do not divide each other, so the sizes it "
                              f"runs at cannot be computed from them; it runs at its pretrained size {native[0]}×{native[1]} "
                              f"and at smaller sizes, not at {h}×{w}. Resize the images to at most {native[0]}×{native[1]}.")
         return native if img_size is not None else None
-    s = _total_stride(strides)
-    rounded = (-(-h // s) * s, -(-w // s) * s)
+    rounded = _round_up((h, w), _total_stride(strides))
     return img_size if img_size is None and rounded == (h, w) else rounded
 
 # %% ../../../nbs/01_vision.models.unet.ipynb #76c4c58a
+def _pair(size):
+    "`(height, width)` from an int or a sequence that ends with them"
+    return (size, size) if isinstance(size, int) else tuple(size)[-2:]
+
+def _round_up(size, stride):
+    "`size` rounded up, on each side, to a multiple of `stride`"
+    return tuple(-(-s // stride) * stride for s in _pair(size))
+
 def _padded_size(model, img_size):
     "The size the U-Net feeds `model`: its locked size, else `img_size` padded to the total stride, else a small size"
     locked = getattr(model, 'locked_img_size', None)
     if locked: return tuple(locked)
     strides = model.feature_info.reduction()
     if img_size is None: return (2*max(strides),)*2
-    s = _total_stride(strides)
-    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    return (-(-h // s) * s, -(-w // s) * s)
+    return _round_up(img_size, _total_stride(strides))
 
 def _reason(e): return f"{type(e).__name__}: {' '.join(str(e).split())[:200] or 'no message'}"
 
@@ -106,12 +110,11 @@ def _try_size(name, img_size, build):
     try: model = _features_only(name, img_size=size, **build)
     # Some constructors assert on the size they are built for (NesT takes square inputs only).
     except AssertionError as e:
-        h, w = (size, size) if isinstance(size, int) else size
-        return None, (h, w), _reason(e)
+        return None, _pair(size), _reason(e)
     padded = _padded_size(model, img_size)
     if not timm.get_pretrained_cfg_value(name, 'fixed_input_size'):
-        # Most encoders that take any size run at twice their total stride, which checks them at a fraction of the
-        # cost of the training size; the few that need more (HaloNet's attention blocks) get checked at that size.
+        # Most encoders that take any size run at twice their total stride, a fraction of the cost of the training
+        # size. The few that need larger inputs (HaloNet's attention blocks) are checked at the training size.
         small = _padded_size(model, None)
         if _run_error(model, small, build['n_in']) is None: return model, padded, None
     return model, padded, _run_error(model, padded, build['n_in'])
@@ -123,8 +126,8 @@ def _fitted_encoder(name, img_size, build):
     native = tuple(timm.get_pretrained_cfg_value(name, 'input_size')[-2:])
     what = f"'{name}' with n_in={build['n_in']}"
     if size[0] <= native[0] and size[1] <= native[1] and size != native:
-        # Some constraints are in no metadata (HaloNet's attention blocks, EfficientFormer's attention biases); the
-        # pretrained size is known to work, and the U-Net pads smaller inputs to a locked size.
+        # Some constraints are in no metadata (HaloNet's attention blocks, EfficientFormer's attention biases).
+        # The pretrained size is known to work, and the U-Net pads smaller inputs to a locked size.
         model, _, retry = _try_size(name, native, build)
         if retry is None:
             warnings.warn(f"{what} does not run at {size[0]}×{size[1]} ({reason}), so it is built for its pretrained size "
@@ -165,8 +168,8 @@ class TimmBody(Module):
                  **kwargs # Passed to `timm.create_model` (for a name)
                 ):
         self.adapter = None
-        built = isinstance(arch, str)
-        if built:
+        from_name = isinstance(arch, str)
+        if from_name:
             # The U-Net pads its input to a multiple of the total stride, so a fixed-size encoder (which may only run
             # at its build size) is built for that padded size.
             build = dict(n_in=n_in, pretrained=pretrained, weights=weights, **kwargs)
@@ -180,7 +183,7 @@ class TimmBody(Module):
         levels, self.fmt = feature_pyramid(arch)
         model_in = 3 if self.adapter is not None else self.n_in
         # A model built here was checked while it was fitted to the size; one passed in is checked now.
-        if not built: check_pyramid(arch, levels, self.fmt, size=_padded_size(arch, None), n_in=model_in)
+        if not from_name: check_pyramid(arch, levels, self.fmt, size=_padded_size(arch, None), n_in=model_in)
         flat = len({l.stride for l in levels}) == 1
         self.neck = SimpleFeaturePyramid(levels[-1].channels, levels[-1].stride) if flat else None
         self.levels = self.neck.levels if flat else levels
@@ -313,7 +316,7 @@ class TimmUnet(Module):
         return widths
 
     def _check_size(self, size):
-        h, w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+        h, w = _pair(size)
         if min(h, w) < self.min_size:
             raise ValueError(f"Images of {h}×{w} are smaller than the total stride of '{self.encoder.arch}' ({self.min_size}). "
                              f"Use images of at least {self.min_size}×{self.min_size}.")
@@ -328,8 +331,8 @@ class TimmUnet(Module):
                                  f"with `img_size=({h}, {w})` (`unet_learner` uses the size of the data), or resize the images.")
             ph, pw = H - h, W - w
         else:
-            s = self.min_size
-            ph, pw = (s - h % s) % s, (s - w % s) % s
+            H, W = _round_up((h, w), self.min_size)
+            ph, pw = H - h, W - w
         return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
     def _decode(self, x):
@@ -348,7 +351,7 @@ class TimmUnet(Module):
 
     def forward(self, x):
         self._check_size(x.shape[-2:])
-        # fastai's tensor subclasses dispatch every op through Python; the model runs on plain tensors and hands
+        # fastai's tensor subclasses dispatch every op through Python, so the model runs on plain tensors. It hands
         # fastai a `TensorBase`, as upstream's `ToTensorBase` does, so that predictions are not typed as images.
         # Any other tensor (plain, or the fake tensors of `torch.export` and ONNX export) runs as it is.
         if not isinstance(x, TensorBase): return self._decode(x)
