@@ -98,7 +98,9 @@ def run_one(args, contender, encoder, size):
     return json.loads(lines[-1])
 
 
-def _contenders(encoder): return [c for c in CONTENDERS if c != 'fastai' or encoder == 'resnet34']
+def _contenders(encoder, chosen=CONTENDERS):
+    "The contenders measured for `encoder`: fastai's `DynamicUnet` only has a resnet34 row"
+    return [c for c in CONTENDERS if c in chosen and (c != 'fastai' or encoder == 'resnet34')]
 
 
 def summarize(records):
@@ -143,6 +145,7 @@ def main():
     p.add_argument('--steps', type=int, default=5, help='timed steps per process')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps before timing')
     p.add_argument('--rounds', type=int, default=3, help='fresh processes per contender, alternating contenders')
+    p.add_argument('--contenders', nargs='+', default=list(CONTENDERS), choices=CONTENDERS, help='contenders to measure')
     p.add_argument('--threads', type=int, default=2, help='torch threads in every process')
     p.add_argument('--timeout', type=int, default=900, help='seconds allowed for one measuring process')
     p.add_argument('--out', default=str(RESULTS/'bench_unet'), help='path prefix of the CSV and Markdown results')
@@ -156,7 +159,7 @@ def main():
     for rnd in range(args.rounds):
         for size in args.sizes:
             for enc in args.encoders:
-                order = _contenders(enc)
+                order = _contenders(enc, args.contenders)
                 order = order[rnd % len(order):] + order[:rnd % len(order)]
                 for c in order:
                     rec = run_one(args, c, enc, size)

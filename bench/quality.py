@@ -5,9 +5,9 @@ DataLoaders, image size, epochs, seed, loss (cross-entropy), optimizer (fastai's
 `fit_one_cycle`) and learning rate. Only the decoder differs. The result goes to
 `bench/results/quality.csv` and `.md`.
 
-    python bench/quality.py --encoder resnet34 --size 128 --epochs 8
+    python bench/quality.py --encoder resnet34 --size 128 --epochs 8 --seeds 42 43
 """
-import argparse, csv, os, platform, time
+import argparse, csv, os, platform, statistics, time
 from pathlib import Path
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -48,10 +48,12 @@ def train(kind, encoder, dls, epochs, lr, seed):
         learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(axis=1), metrics=metrics)
     set_seed(seed, reproducible=True)
     t0 = time.perf_counter()
-    with learn.no_bar(), learn.no_logging(): learn.fit_one_cycle(epochs, lr)
-    seconds = time.perf_counter() - t0
-    _, dice, iou = learn.validate()
-    return dict(contender=kind, encoder=encoder, dice=round(float(dice), 4), iou=round(float(iou), 4), seconds=round(seconds, 1))
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(epochs, lr)
+        seconds = time.perf_counter() - t0
+        _, dice, iou = learn.validate()
+    return dict(contender=kind, encoder=encoder, seed=seed, dice=round(float(dice), 4), iou=round(float(iou), 4),
+                seconds=round(seconds, 1))
 
 
 def main():
@@ -62,21 +64,25 @@ def main():
     p.add_argument('--epochs', type=int, default=8, help='epochs of fit_one_cycle')
     p.add_argument('--bs', type=int, default=8, help='batch size')
     p.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of fit_one_cycle')
-    p.add_argument('--seed', type=int, default=42, help='seed for the split, the init and the shuffling')
+    p.add_argument('--seeds', type=int, nargs='+', default=[42], help='seeds for the split, the init and the shuffling; '
+                   'each seed trains both contenders, and the gap is taken between their mean Dice')
     p.add_argument('--n-images', type=int, default=0, help='use the first N images only (0: all)')
     p.add_argument('--out', type=Path, default=RESULTS/'quality', help='path prefix of the CSV and Markdown results')
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     rows = []
-    for kind in ('fastai_timm', 'smp'):
-        dls = make_dls(args.data, args.size, args.bs, args.seed, args.n_images)
-        rows.append(train(kind, args.encoder, dls, args.epochs, args.lr, args.seed))
-        print(rows[-1], flush=True)
-    gap = rows[0]['dice'] - rows[1]['dice']
+    for seed in args.seeds:
+        for kind in ('fastai_timm', 'smp'):
+            dls = make_dls(args.data, args.size, args.bs, seed, args.n_images)
+            rows.append(train(kind, args.encoder, dls, args.epochs, args.lr, seed))
+            print(rows[-1], flush=True)
+    mean = {k: statistics.mean(r['dice'] for r in rows if r['contender'] == k) for k in ('fastai_timm', 'smp')}
+    gap = mean['fastai_timm'] - mean['smp']
     md = (f"Encoder {args.encoder}, random init, {args.size}x{args.size}, {args.epochs} epochs, bs {args.bs}, lr {args.lr}, "
-          f"seed {args.seed}, {platform.machine()} with {os.cpu_count()} cores.\n\n| contender | Dice nucleus | IoU nucleus | train s |\n|---|---|---|---|\n"
-          + '\n'.join(f"| {r['contender']} | {r['dice']} | {r['iou']} | {r['seconds']} |" for r in rows)
-          + f"\n\nDice of fastai-timm minus smp: {gap:+.4f}\n")
+          f"seeds {', '.join(map(str, args.seeds))}, {platform.machine()} with {os.cpu_count()} cores.\n\n"
+          "| contender | seed | Dice nucleus | IoU nucleus | train s |\n|---|---|---|---|---|\n"
+          + '\n'.join(f"| {r['contender']} | {r['seed']} | {r['dice']} | {r['iou']} | {r['seconds']} |" for r in rows)
+          + f"\n\nMean Dice: fastai-timm {mean['fastai_timm']:.4f}, smp {mean['smp']:.4f}; fastai-timm minus smp: {gap:+.4f}\n")
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with open(args.out.with_suffix('.csv'), 'w', newline='') as f:

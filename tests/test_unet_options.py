@@ -23,10 +23,19 @@ def test_blur_adds_blur_to_upsampling():
 
 
 def test_blur_final_controls_last_upsampling():
+    # test_resnet's finest map is at stride 2, where the head runs: the last block upsamples last.
     with_final, without_final = build(blur=True), build(blur=True, blur_final=False)
+    assert count(with_final.blocks[-1], nn.AvgPool2d) == 1
+    assert count(without_final.blocks[-1], nn.AvgPool2d) == 0
+    assert count(without_final.blocks[:-1], nn.AvgPool2d) == count(with_final.blocks[:-1], nn.AvgPool2d) > 0
+
+
+def test_blur_final_controls_final_up():
+    # test_convnext's finest map is at stride 4: `final_up` brings it to stride 2 after the last block.
+    with_final, without_final = build('test_convnext', blur=True), build('test_convnext', blur=True, blur_final=False)
     assert count(with_final.final_up, nn.AvgPool2d) == 1
     assert count(without_final.final_up, nn.AvgPool2d) == 0
-    assert count(without_final.blocks, nn.AvgPool2d) == count(with_final.blocks, nn.AvgPool2d) > 0
+    assert count(without_final.blocks, nn.AvgPool2d) == count(with_final.blocks, nn.AvgPool2d) == len(with_final.blocks)
 
 
 def test_self_attention_in_third_block_from_end():
@@ -48,7 +57,44 @@ def test_last_cross_merges_input():
     with_cross, without_cross = build(), build(last_cross=False)
     assert hasattr(with_cross, 'cross')
     assert not hasattr(without_cross, 'cross')
-    assert with_cross.head[0].in_channels == without_cross.head[0].in_channels + 3
+    # At stride 2 the image joins as its 2×2 patches: 4 channels for each of its 3.
+    assert with_cross.head_stride == 2
+    assert with_cross.head[0].in_channels == without_cross.head[0].in_channels + 3 * 4
+
+
+def test_cross_sees_every_input_pixel():
+    # Changing one pixel changes the prediction there, through the cross connection alone: the encoder and
+    # decoder paths are cut by zeroing the decoder's output before the cross block.
+    model = build().eval()
+    model.final_up.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[0, :, 33, 17] += 5
+    diff = (model(x) - model(y)).abs().sum(1)[0]
+    assert diff[33, 17] > 0
+    # Two 3×3 convolutions at stride 2 reach two 2×2 patches on each side of pixel 33's patch (rows 32-33).
+    assert diff[:28].sum() == 0
+    assert diff[38:].sum() == 0
+    assert diff[28:38].sum() > 0
+
+
+def test_head_starts_without_checkerboard():
+    # ICNR init: the 4 pixels of each 2×2 patch that the head predicts start equal.
+    model = build(last_cross=False).eval()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert torch.equal(out[..., 0::2, 0::2], out[..., 1::2, 1::2])
+    assert torch.equal(out[..., 0::2, 0::2], out[..., 0::2, 1::2])
+    model.head[0].bias.data.normal_()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert not torch.equal(out[..., 0::2, 0::2], out[..., 1::2, 1::2])
+
+
+def test_vgg_head_stays_at_stride_1():
+    # VGG's first map is at full resolution, so the last layers stay there.
+    model = build('vgg11')
+    assert model.head_stride == 1
+    assert model.head[0].in_channels == 16 + 3
+    assert model(torch.randn(1, 3, 67, 45)).shape == (1, 2, 67, 45)
 
 
 def test_bottle_halves_cross_block():
@@ -92,3 +138,11 @@ def test_torch_export_reproduces_output():
     x = torch.randn(2, 3, 64, 64)
     exported = torch.export.export(model, (x,))
     assert torch.allclose(exported.module()(x), model(x), atol=1e-5)
+
+
+def test_odd_locked_size_runs():
+    # A locked size need not be even: the stride-2 head then covers one more pixel, cropped away.
+    model = build().eval()
+    model.locked_img_size = (63, 65)
+    assert model(torch.randn(1, 3, 60, 61)).shape == (1, 2, 60, 61)
+    assert model(torch.randn(1, 3, 63, 65)).shape == (1, 2, 63, 65)

@@ -286,24 +286,35 @@ class TimmUnet(Module):
         cfg = dict(act_cls=act_cls, norm_type=norm_type, **kwargs)
         deep = levels[-1].channels
         self.middle = nn.Sequential(BatchNorm(deep), act_cls(), ConvLayer(deep, widths[0], **cfg))
+        # The last layers run at stride 2, where they cost a quarter of what they would at full resolution. The image
+        # joins them pixel-unshuffled, each 2×2 patch as 4 channels, so no pixel is lost. The head predicts the 4
+        # pixels of each patch, which a pixel shuffle puts back in place. An encoder with a full-resolution map stays at 1.
+        self.head_stride = hs = 2 if levels[0].stride >= 2 else 1
+        # A patch-14 ViT's finest level is at stride 3.5: upsample 2× and resample to stride 2 in `_decode`.
+        scale = math.ceil(levels[0].stride / hs)
         blocks, ni = [], widths[0]
         for i in range(n_blocks):
             hi, lo = levels[-1-i], levels[-2-i]
+            # `blur_final` applies to the last upsampling of features: this block's, unless `final_up` comes after it.
+            last = i == n_blocks-1 and scale == 1
             blocks.append(FeatureUnetBlock(ni, lo.channels, widths[i+1] if i+1 < len(widths) else widths[-1],
-                                           scale=max(1, round(hi.stride/lo.stride)), blur=blur, self_attention=self_attention and i==n_blocks-3,
-                                           init=init, **cfg))
+                                           scale=max(1, round(hi.stride/lo.stride)), blur=blur and (blur_final or not last),
+                                           self_attention=self_attention and i==n_blocks-3, init=init, **cfg))
             ni = blocks[-1].conv2[0].out_channels
         self.blocks = nn.ModuleList(blocks)
-        # A patch-14 ViT's finest level is at stride 3.5: upsample 4× and resample to the padded size in `_decode`.
-        first = math.ceil(levels[0].stride)
-        self.final_up = _upsample(ni, _default_width(1), first, blur and blur_final, act_cls, norm_type) if first > 1 else nn.Identity()
-        if first > 1: ni = _default_width(1)
+        self.final_up = _upsample(ni, _default_width(hs), scale, blur and blur_final, act_cls, norm_type) if scale > 1 else nn.Identity()
+        if scale > 1: ni = _default_width(hs)
         if last_cross:
-            nc = ni + encoder.n_in
+            nc = ni + encoder.n_in * hs**2
             self.cross = ResBlock(1, nc, nc//2 if bottle else nc, **cfg)
             ni = nc//2 if bottle else nc
-        self.head = ConvLayer(ni, n_out, ks=1, act_cls=None, norm_type=norm_type, **kwargs)
+        self.head = ConvLayer(ni, n_out * hs**2, ks=1, act_cls=None, norm_type=norm_type, **kwargs)
         apply_init(nn.Sequential(self.middle, self.head), init)
+        if hs > 1 and norm_type not in (NormType.Weight, NormType.Spectral):
+            # ICNR: the pixels of a patch start with equal weights and biases, so the first predictions have no checkerboard.
+            conv = self.head[0]
+            conv.weight.data.copy_(icnr_init(conv.weight.data, scale=hs, init=init))
+            if conv.bias is not None: conv.bias.data.copy_(conv.bias.data.view(n_out, hs*hs)[:, :1].expand(-1, hs*hs).reshape(-1))
         self.y_range = SigmoidRange(*y_range) if y_range is not None else None
 
     @staticmethod
@@ -343,10 +354,19 @@ class TimmUnet(Module):
         y = self.middle(feats[-1])
         for blk, skip in zip(self.blocks, reversed(feats[:-1])): y = blk(y, skip)
         y = self.final_up(y)
-        if y.shape[-2:] != padded.shape[-2:]: y = F.interpolate(y, size=padded.shape[-2:], mode='bilinear', align_corners=False)
-        y = y[..., :h, :w]
-        if self.last_cross: y = self.cross(torch.cat([y, x], dim=1))
+        hs, (H, W) = self.head_stride, padded.shape[-2:]
+        # A locked size need not be even: the head's map then covers one more pixel, cropped away below.
+        size = (-(-H // hs), -(-W // hs))
+        if y.shape[-2:] != size: y = F.interpolate(y, size=size, mode='bilinear', align_corners=False)
+        if self.last_cross:
+            image = padded
+            if hs > 1:
+                if (H, W) != (size[0]*hs, size[1]*hs): image = F.pad(image, (0, size[1]*hs - W, 0, size[0]*hs - H))
+                image = F.pixel_unshuffle(image, hs)
+            y = self.cross(torch.cat([y, image], dim=1))
         y = self.head(y)
+        if hs > 1: y = F.pixel_shuffle(y, hs)
+        y = y[..., :h, :w]
         return y if self.y_range is None else self.y_range(y)
 
     def forward(self, x):
