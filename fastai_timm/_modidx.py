@@ -106,6 +106,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'fastai_timm.train.folder_dls': ('train.html#folder_dls', 'fastai_timm/train.py'),
                                    'fastai_timm.train.main': ('train.html#main', 'fastai_timm/train.py'),
                                    'fastai_timm.train.read_codes': ('train.html#read_codes', 'fastai_timm/train.py'),
+                                   'fastai_timm.train.run_summary': ('train.html#run_summary', 'fastai_timm/train.py'),
                                    'fastai_timm.train.split_files': ('train.html#split_files', 'fastai_timm/train.py'),
                                    'fastai_timm.train.train_folder': ('train.html#train_folder', 'fastai_timm/train.py')},
             'fastai_timm.vision.learner': { 'fastai_timm.vision.learner._add_norm': ( 'vision.learner.html#_add_norm',

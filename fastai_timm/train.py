@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['code_key', 'read_codes', 'MaskPath', 'check_folder', 'split_files', 'folder_dls', 'ClassOverlap', 'ClassDice',
-           'ClassIoU', 'class_metrics', 'check_export', 'EpochHistory', 'train_folder', 'main']
+           'ClassIoU', 'class_metrics', 'check_export', 'EpochHistory', 'train_folder', 'run_summary', 'main']
 
 # %% ../nbs/05_train.ipynb #1d4372f6
 import json, re, shutil, tempfile, time, uuid
@@ -321,6 +321,20 @@ def train_folder(data:Path, # Folder with `images/`, `labels/` and `codes.txt`
         _train_and_save(learn, epochs, lr, pretrained, tmp, info, start)
     return info
 
+# %% ../nbs/05_train.ipynb #d8e5a557
+def run_summary(info:dict, # What `train_folder` returns
+                out:Path # The output folder
+               )->str:
+    "Format the end of a run: the time, the validation metrics of each class, the export check and the files"
+    scores = '  '.join(f"{k} {v:.3f}" for k, v in info['metrics'].items() if k.startswith(('dice_', 'iou_')))
+    epochs = f"{info['epochs']} epoch" + ('' if info['epochs'] == 1 else 's')
+    return (f"Trained {info['arch']} for {epochs} in {info['train_time_s']:.0f} s "
+            f"({info['n_train']} training images).\n"
+            f"Validation on {info['n_valid']} images: {scores}\n"
+            f"Exported learner reloaded: its predictions differ from the trained model's by at most "
+            f"{info['export_max_diff']:.2g}.\n"
+            f"Wrote model.pkl, metrics.json, history.csv, results.png and valid.txt to {out}")
+
 # %% ../nbs/05_train.ipynb #549ff091
 @call_parse
 def main(data:Path=None, # Folder with images/, labels/ (masks of the same names, pixel value = class index) and codes.txt
@@ -344,6 +358,8 @@ def main(data:Path=None, # Folder with images/, labels/ (masks of the same names
     if data is None: raise ValueError("No data folder given. Pass --data with a folder that contains images/, labels/ "
                                       "and codes.txt.")
     out = Path('runs')/Path(data).resolve().name if out is None else out
-    return train_folder(data, out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
+    info = train_folder(data, out, arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, pretrained=pretrained,
                         weights=weights, valid=valid, valid_pct=valid_pct, label_suffix=label_suffix, seed=seed,
                         overwrite=overwrite, num_workers=num_workers, threads=threads)
+    print(run_summary(info, out))
+    return info

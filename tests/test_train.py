@@ -55,6 +55,16 @@ def test_train_writes_complete_run(folder, tmp_path):
     assert Image.open(out/'results.png').size[0] > 100
 
 
+def test_main_prints_summary(folder, tmp_path, capsys):
+    out = tmp_path/'run'
+    info = main(data=folder, out=out, **FAST)
+    printed = capsys.readouterr().out
+    assert f"dice_blob {info['metrics']['dice_blob']:.3f}" in printed
+    assert f"Validation on {info['n_valid']} images" in printed
+    assert 'Exported learner reloaded' in printed
+    assert printed.rstrip().endswith(str(out))
+
+
 def test_relative_paths(folder, tmp_path, monkeypatch):
     "Relative --data and --out, as tools/train.sh passes them, resolve against the working directory"
     monkeypatch.chdir(tmp_path)
