@@ -64,8 +64,8 @@ def main():
     p.add_argument('--epochs', type=int, default=8, help='epochs of fit_one_cycle')
     p.add_argument('--bs', type=int, default=8, help='batch size')
     p.add_argument('--lr', type=float, default=3e-3, help='maximum learning rate of fit_one_cycle')
-    p.add_argument('--seeds', type=int, nargs='+', default=[42], help='seeds for the split, the init and the shuffling; '
-                   'each seed trains both contenders, and the gap is taken between their mean Dice')
+    p.add_argument('--seeds', type=int, nargs='+', default=[42], help='seeds for the split, the init and the shuffling. '
+                   'Each seed trains both contenders, and the gap is taken between their mean Dice')
     p.add_argument('--n-images', type=int, default=0, help='use the first N images only (0: all)')
     p.add_argument('--out', type=Path, default=RESULTS/'quality', help='path prefix of the CSV and Markdown results')
     args = p.parse_args()

@@ -355,13 +355,14 @@ class TimmUnet(Module):
         for blk, skip in zip(self.blocks, reversed(feats[:-1])): y = blk(y, skip)
         y = self.final_up(y)
         hs, (H, W) = self.head_stride, padded.shape[-2:]
-        # A locked size need not be even: the head's map then covers one more pixel, cropped away below.
-        size = (-(-H // hs), -(-W // hs))
+        # A locked size need not be even, so the head's map may cover one more pixel, which is cropped away below.
+        rounded = _round_up((H, W), hs)
+        size = (rounded[0] // hs, rounded[1] // hs)
         if y.shape[-2:] != size: y = F.interpolate(y, size=size, mode='bilinear', align_corners=False)
         if self.last_cross:
             image = padded
             if hs > 1:
-                if (H, W) != (size[0]*hs, size[1]*hs): image = F.pad(image, (0, size[1]*hs - W, 0, size[0]*hs - H))
+                if rounded != (H, W): image = F.pad(image, (0, rounded[1] - W, 0, rounded[0] - H))
                 image = F.pixel_unshuffle(image, hs)
             y = self.cross(torch.cat([y, image], dim=1))
         y = self.head(y)
